@@ -1,0 +1,4 @@
+//! (under construction)
+pub fn main() -> i32 {
+    0
+}
