@@ -1,4 +1,156 @@
-//! (under construction)
+//! Command line: parsing, dispatch, exit codes.
+
+use crate::hostpath::{known, Host};
+use crate::{logging, preflight, status};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+const ABOUT: &str = "Make the SOCI snapshotter active on a Kubernetes node before its first image pull, and keep the node bootable.";
+
+const LONG_ABOUT: &str = "\
+Make the SOCI snapshotter active on a Kubernetes node before its first image pull, and keep the node bootable.
+
+soci-node-preflight.service runs `soci-node preflight` before every containerd start. It checks FUSE, the SOCI and containerd binaries, the instance-store disks and free space, decides a pull mode (parallel pull on instance-store RAID0 with SOCI >= 0.11, lazy loading otherwise), writes /etc/soci-snapshotter-grpc/config.toml, patches /etc/containerd/config.toml in place (comments and unrelated settings kept, original backed up under /var/lib/soci-node/backup/), and records the decision in /run/soci-node/status.json. If anything is wrong it falls back to containerd's own snapshotter and says why; the node always boots.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  soci-node preflight --dry-run        show what would change, change nothing
+  soci-node status                     what the last preflight decided and why
+  soci-node --root ./node preflight    run against a copy of a node's files
+
+Files: /etc/soci-node/config.toml (settings), /run/soci-node/status.json (last decision).
+Logs: journalctl -u soci-node-preflight";
+
+#[derive(Debug, Parser)]
+#[command(name = "soci-node", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Treat DIR as the node's `/`: every host path (/etc, /sys, /proc, /run,
+    /// /var/lib, /dev, and the binaries) is read and written under it.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        default_value = "/",
+        env = "SOCI_NODE_ROOT"
+    )]
+    pub root: PathBuf,
+
+    /// soci-node's settings file [default: /etc/soci-node/config.toml under --root].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// More log detail (-v debug, -vv trace). SOCI_NODE_LOG takes a full filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot oneshot: check the node, decide, write configs, record the status.
+    ///
+    /// Exits 0 when SOCI is activated and when it deliberately falls back to
+    /// overlayfs (the reason is in the status and the journal); exits 1 on a
+    /// fallback only with on_failure = "fail"; 2 on usage errors.
+    Preflight(PreflightArgs),
+    /// Show what the last preflight decided and why.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PreflightArgs {
+    /// Print a unified diff of what would change and the decision; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the status file as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub fn main() -> i32 {
-    0
+    let cli = Cli::parse();
+    let host = Host::new(&cli.root);
+    logging::init(cli.verbose, host.is_live());
+    match dispatch(&cli, &host) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("soci-node: {e:#}");
+            3
+        }
+    }
+}
+
+fn dispatch(cli: &Cli, host: &Host) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Preflight(a) => {
+            let (settings_real, settings_shown) = match &cli.config {
+                Some(p) => (p.clone(), p.display().to_string()),
+                None => (host.path(known::SETTINGS), known::SETTINGS.to_string()),
+            };
+            let out = preflight::run(
+                host,
+                &preflight::Options {
+                    dry_run: a.dry_run,
+                    settings_real,
+                    settings_shown,
+                },
+            )?;
+            if let Some(diff) = &out.diff {
+                if diff.is_empty() {
+                    println!("# no changes");
+                } else {
+                    print!("{diff}");
+                }
+                println!("# decision (dry run, nothing written)");
+            }
+            print!("{}", status::render(&out.status));
+            Ok(out.exit_code)
+        }
+        Command::Status(a) => {
+            let s = status::read(host)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", status::render(&s));
+            }
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_flags_after_the_subcommand() {
+        let c = Cli::try_parse_from([
+            "soci-node",
+            "preflight",
+            "--dry-run",
+            "--root",
+            "/tmp/r",
+            "-v",
+        ])
+        .unwrap();
+        assert_eq!(c.root, PathBuf::from("/tmp/r"));
+        assert_eq!(c.verbose, 1);
+        assert!(matches!(
+            c.command,
+            Command::Preflight(PreflightArgs { dry_run: true })
+        ));
+        assert!(Cli::try_parse_from(["soci-node", "frobnicate"]).is_err());
+    }
 }

@@ -29,7 +29,11 @@ pub enum FsError {
 
 const FIX_PERMS: &str = "check that the file system is writable and has space";
 
-fn io(path: &Path, what: &'static str, remedy: &'static str) -> impl FnOnce(std::io::Error) -> FsError {
+fn io(
+    path: &Path,
+    what: &'static str,
+    remedy: &'static str,
+) -> impl FnOnce(std::io::Error) -> FsError {
     let path = path.display().to_string();
     move |source| FsError::Io {
         path,
@@ -110,7 +114,8 @@ pub fn write_atomic(path: &Path, contents: &[u8], new_mode: u32) -> Result<bool,
         .suffix(".tmp")
         .tempfile_in(dir)
         .map_err(io(dir, "cannot create a temp file", FIX_PERMS))?;
-    tmp.write_all(contents).map_err(io(tmp.path(), "cannot write", FIX_PERMS))?;
+    tmp.write_all(contents)
+        .map_err(io(tmp.path(), "cannot write", FIX_PERMS))?;
     let (mode, owner) = match &existing {
         Some(m) => (m.permissions().mode() & 0o7777, Some((m.uid(), m.gid()))),
         None => (new_mode, None),
@@ -119,10 +124,15 @@ pub fn write_atomic(path: &Path, contents: &[u8], new_mode: u32) -> Result<bool,
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io(tmp.path(), "cannot set mode", FIX_PERMS))?;
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid))
-            .map_err(io(tmp.path(), "cannot set owner", FIX_PERMS))?;
+        std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid)).map_err(io(
+            tmp.path(),
+            "cannot set owner",
+            FIX_PERMS,
+        ))?;
     }
-    tmp.as_file().sync_all().map_err(io(tmp.path(), "cannot sync", FIX_PERMS))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(io(tmp.path(), "cannot sync", FIX_PERMS))?;
     tmp.persist(path)
         .map_err(|e| io(path, "cannot rename the new version into place", FIX_PERMS)(e.error))?;
     sync_dir(dir)?;
@@ -150,7 +160,8 @@ fn sync_dir(dir: &Path) -> Result<(), FsError> {
 /// Where the original of `host_path` is kept: the same path under the
 /// backup directory.
 pub fn backup_path(host: &Host, host_path: &str) -> PathBuf {
-    host.path(known::BACKUP_DIR).join(host_path.trim_start_matches('/'))
+    host.path(known::BACKUP_DIR)
+        .join(host_path.trim_start_matches('/'))
 }
 
 /// Marker meaning "this file did not exist before soci-node": revert removes it.
@@ -181,7 +192,9 @@ pub fn backup_once(host: &Host, host_path: &str) -> Result<Backup, FsError> {
     let real = host.path(host_path);
     match fs::read(&real) {
         Ok(bytes) => {
-            let mode = fs::metadata(&real).map(|m| m.permissions().mode() & 0o7777).unwrap_or(0o644);
+            let mode = fs::metadata(&real)
+                .map(|m| m.permissions().mode() & 0o7777)
+                .unwrap_or(0o644);
             write_atomic(&saved, &bytes, mode)?;
             Ok(Backup::Saved)
         }
@@ -189,7 +202,11 @@ pub fn backup_once(host: &Host, host_path: &str) -> Result<Backup, FsError> {
             write_atomic(&marker, b"", 0o644)?;
             Ok(Backup::MarkedAbsent)
         }
-        Err(e) => Err(io(&real, "cannot read for backup", "check the file's permissions")(e)),
+        Err(e) => Err(io(
+            &real,
+            "cannot read for backup",
+            "check the file's permissions",
+        )(e)),
     }
 }
 
@@ -202,14 +219,24 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a/b.toml");
         assert!(write_atomic(&p, b"one", 0o600).unwrap());
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o640)).unwrap();
         let ino = fs::metadata(&p).unwrap().ino();
         assert!(!write_atomic(&p, b"one", 0o600).unwrap());
-        assert_eq!(fs::metadata(&p).unwrap().ino(), ino, "unchanged file was replaced");
+        assert_eq!(
+            fs::metadata(&p).unwrap().ino(),
+            ino,
+            "unchanged file was replaced"
+        );
         assert!(write_atomic(&p, b"two", 0o600).unwrap());
         assert_eq!(fs::read(&p).unwrap(), b"two");
-        assert_eq!(fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(
+            fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640
+        );
         let leftovers: Vec<_> = fs::read_dir(p.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "temp files left behind");
     }
@@ -221,11 +248,23 @@ mod tests {
         let cfg = host.path("/etc/containerd/config.toml");
         fs::create_dir_all(cfg.parent().unwrap()).unwrap();
         fs::write(&cfg, "original").unwrap();
-        assert_eq!(backup_once(&host, "/etc/containerd/config.toml").unwrap(), Backup::Saved);
+        assert_eq!(
+            backup_once(&host, "/etc/containerd/config.toml").unwrap(),
+            Backup::Saved
+        );
         fs::write(&cfg, "patched").unwrap();
-        assert_eq!(backup_once(&host, "/etc/containerd/config.toml").unwrap(), Backup::AlreadyKept);
-        assert_eq!(fs::read_to_string(backup_path(&host, "/etc/containerd/config.toml")).unwrap(), "original");
-        assert_eq!(backup_once(&host, "/etc/new.conf").unwrap(), Backup::MarkedAbsent);
+        assert_eq!(
+            backup_once(&host, "/etc/containerd/config.toml").unwrap(),
+            Backup::AlreadyKept
+        );
+        assert_eq!(
+            fs::read_to_string(backup_path(&host, "/etc/containerd/config.toml")).unwrap(),
+            "original"
+        );
+        assert_eq!(
+            backup_once(&host, "/etc/new.conf").unwrap(),
+            Backup::MarkedAbsent
+        );
         assert!(absent_marker(&host, "/etc/new.conf").exists());
     }
 

@@ -99,7 +99,10 @@ mod tests {
     #[test]
     fn live_root_is_identity() {
         let h = Host::live();
-        assert_eq!(h.path("/etc/containerd/config.toml"), PathBuf::from("/etc/containerd/config.toml"));
+        assert_eq!(
+            h.path("/etc/containerd/config.toml"),
+            PathBuf::from("/etc/containerd/config.toml")
+        );
         assert!(h.is_live());
     }
 
@@ -111,6 +114,9 @@ mod tests {
         assert_eq!(h.path("/../../etc/x"), PathBuf::from("/tmp/r/etc/x"));
         assert_eq!(h.path("/etc/../var/y"), PathBuf::from("/tmp/r/var/y"));
         assert!(!h.is_live());
-        assert_eq!(h.host_path_of(Path::new("/tmp/r/etc/x")), PathBuf::from("/etc/x"));
+        assert_eq!(
+            h.host_path_of(Path::new("/tmp/r/etc/x")),
+            PathBuf::from("/etc/x")
+        );
     }
 }

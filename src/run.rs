@@ -9,7 +9,9 @@ use wait_timeout::ChildExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("{program}: not found; install it or set its path in /etc/soci-node/config.toml [binaries]")]
+    #[error(
+        "{program}: not found; install it or set its path in /etc/soci-node/config.toml [binaries]"
+    )]
     NotFound { program: String },
     #[error("{program}: cannot run: {source}")]
     Spawn {
@@ -116,7 +118,12 @@ mod tests {
 
     #[test]
     fn captures_output() {
-        let o = run(Path::new("/bin/sh"), &["-c", "echo out; echo err >&2"], Duration::from_secs(5)).unwrap();
+        let o = run(
+            Path::new("/bin/sh"),
+            &["-c", "echo out; echo err >&2"],
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!(o.stdout, "out\n");
         assert_eq!(o.stderr, "err\n");
     }
@@ -124,16 +131,31 @@ mod tests {
     #[test]
     fn kills_hung_child_within_bound() {
         let t = Instant::now();
-        let e = run(Path::new("/bin/sh"), &["-c", "sleep 30"], Duration::from_millis(200)).unwrap_err();
+        let e = run(
+            Path::new("/bin/sh"),
+            &["-c", "sleep 30"],
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
         assert!(matches!(e, RunError::Timeout { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
     fn failure_carries_stderr_and_missing_is_not_found() {
-        let e = run(Path::new("/bin/sh"), &["-c", "echo boom >&2; exit 3"], Duration::from_secs(5)).unwrap_err();
+        let e = run(
+            Path::new("/bin/sh"),
+            &["-c", "echo boom >&2; exit 3"],
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("boom"), "{e}");
-        let e = run(Path::new("/nonexistent/containerd"), &["--version"], Duration::from_secs(1)).unwrap_err();
+        let e = run(
+            Path::new("/nonexistent/containerd"),
+            &["--version"],
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
         assert!(matches!(e, RunError::NotFound { .. }), "{e}");
     }
 }

@@ -10,7 +10,9 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
-    #[error("cannot read {path}: {source}; fix the file's permissions or remove it to use the defaults")]
+    #[error(
+        "cannot read {path}: {source}; fix the file's permissions or remove it to use the defaults"
+    )]
     Read {
         path: String,
         #[source]
@@ -248,7 +250,10 @@ impl Settings {
         };
         for (key, value) in [
             ("binaries.containerd", &self.binaries.containerd),
-            ("binaries.soci_snapshotter_grpc", &self.binaries.soci_snapshotter_grpc),
+            (
+                "binaries.soci_snapshotter_grpc",
+                &self.binaries.soci_snapshotter_grpc,
+            ),
             ("binaries.soci", &self.binaries.soci),
             ("binaries.nodeadm", &self.binaries.nodeadm),
             ("containerd.config", &self.containerd.config),
@@ -256,15 +261,23 @@ impl Settings {
             ("soci.config", &self.soci.config),
             ("soci.root", &self.soci.root),
             ("soci.address", &self.soci.address),
-            ("credentials.kubelet_config_dir", &self.credentials.kubelet_config_dir),
-            ("credentials.kubeconfig_path", &self.credentials.kubeconfig_path),
+            (
+                "credentials.kubelet_config_dir",
+                &self.credentials.kubelet_config_dir,
+            ),
+            (
+                "credentials.kubeconfig_path",
+                &self.credentials.kubeconfig_path,
+            ),
         ] {
             if !value.starts_with('/') {
                 return bad(format!("`{key}` must be an absolute path, got {value:?}"));
             }
         }
         if !(self.storage.min_free_gib >= 0.0 && self.storage.parallel_min_free_gib >= 0.0) {
-            return bad("`storage.min_free_gib` and `storage.parallel_min_free_gib` must be >= 0".into());
+            return bad(
+                "`storage.min_free_gib` and `storage.parallel_min_free_gib` must be >= 0".into(),
+            );
         }
         if self.imds.timeout_ms == 0 || self.imds.timeout_ms > 5000 {
             return bad(format!(
@@ -297,21 +310,32 @@ mod tests {
         let uncommented: String = example
             .lines()
             .map(|l| match l.strip_prefix('#') {
-                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => rest,
+                Some(rest) if rest.starts_with(|c: char| c.is_ascii_lowercase() || c == '[') => {
+                    rest
+                }
                 _ => l,
             })
             .collect::<Vec<_>>()
             .join("\n");
         assert!(uncommented.contains("[imds]"), "example lost its settings");
-        assert_eq!(Settings::parse(&uncommented, "example").unwrap(), Settings::default());
-        assert_eq!(Settings::parse(example, "example").unwrap(), Settings::default());
+        assert_eq!(
+            Settings::parse(&uncommented, "example").unwrap(),
+            Settings::default()
+        );
+        assert_eq!(
+            Settings::parse(example, "example").unwrap(),
+            Settings::default()
+        );
     }
 
     #[test]
     fn unknown_key_names_key_and_line() {
-        let err = Settings::parse("enabled = true\n[imds]\ntimout_ms = 3\n", "/etc/soci-node/config.toml")
-            .unwrap_err()
-            .to_string();
+        let err = Settings::parse(
+            "enabled = true\n[imds]\ntimout_ms = 3\n",
+            "/etc/soci-node/config.toml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("/etc/soci-node/config.toml"), "{err}");
         assert!(err.contains("timout_ms"), "{err}");
         assert!(err.contains("line 3"), "{err}");
@@ -319,7 +343,9 @@ mod tests {
 
     #[test]
     fn wrong_enum_value_is_rejected() {
-        let err = Settings::parse("pull_mode = \"fast\"\n", "/c").unwrap_err().to_string();
+        let err = Settings::parse("pull_mode = \"fast\"\n", "/c")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("fast") && err.contains("line 1"), "{err}");
     }
 

@@ -12,7 +12,11 @@ pub struct Version {
 
 impl Version {
     pub const fn new(major: u32, minor: u32, patch: u32) -> Self {
-        Version { major, minor, patch }
+        Version {
+            major,
+            minor,
+            patch,
+        }
     }
 
     /// The first `X.Y[.Z]` token in a `--version` line, tolerating a `v`
@@ -58,15 +62,28 @@ mod tests {
     #[test]
     fn real_version_lines() {
         let cases = [
-            ("containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3", (1, 6, 20)),
-            ("containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1", (1, 7, 24)),
-            ("containerd github.com/containerd/containerd/v2 2.1.9+unknown ", (2, 1, 9)),
+            (
+                "containerd github.com/containerd/containerd 1.6.20~ds1 1.6.20~ds1-1+deb12u3",
+                (1, 6, 20),
+            ),
+            (
+                "containerd github.com/containerd/containerd 1.7.24~ds1 1.7.24~ds1-6+deb13u1",
+                (1, 7, 24),
+            ),
+            (
+                "containerd github.com/containerd/containerd/v2 2.1.9+unknown ",
+                (2, 1, 9),
+            ),
             ("containerd containerd.io v2.2.0 1c4457e", (2, 2, 0)),
             ("soci version 0.4.1-6 0.4.1-6", (0, 4, 1)),
             ("soci-snapshotter-grpc version v0.11.1 3f1b4e3", (0, 11, 1)),
         ];
         for (line, (a, b, c)) in cases {
-            assert_eq!(Version::find_in(line), Some(Version::new(a, b, c)), "{line}");
+            assert_eq!(
+                Version::find_in(line),
+                Some(Version::new(a, b, c)),
+                "{line}"
+            );
         }
     }
 
@@ -74,7 +91,10 @@ mod tests {
     fn garbage_is_none() {
         assert_eq!(Version::find_in("segmentation fault"), None);
         assert_eq!(Version::find_in(""), None);
-        assert_eq!(Version::find_in("github.com/containerd/containerd/v2"), None);
+        assert_eq!(
+            Version::find_in("github.com/containerd/containerd/v2"),
+            None
+        );
     }
 
     #[test]
