@@ -124,11 +124,19 @@ pub fn write_atomic(path: &Path, contents: &[u8], new_mode: u32) -> Result<bool,
         .set_permissions(fs::Permissions::from_mode(mode))
         .map_err(io(tmp.path(), "cannot set mode", FIX_PERMS))?;
     if let Some((uid, gid)) = owner {
-        std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid)).map_err(io(
-            tmp.path(),
-            "cannot set owner",
-            FIX_PERMS,
-        ))?;
+        // Only when it differs: the preflight unit runs without CAP_CHOWN,
+        // and root-owned files (the usual case) need no chown at all.
+        let tmp_meta =
+            tmp.as_file()
+                .metadata()
+                .map_err(io(tmp.path(), "cannot stat", FIX_PERMS))?;
+        if (tmp_meta.uid(), tmp_meta.gid()) != (uid, gid) {
+            std::os::unix::fs::fchown(tmp.as_file(), Some(uid), Some(gid)).map_err(io(
+                tmp.path(),
+                "cannot set owner",
+                FIX_PERMS,
+            ))?;
+        }
     }
     tmp.as_file()
         .sync_all()
