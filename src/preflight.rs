@@ -99,7 +99,7 @@ pub fn run(host: &Host, opts: &Options) -> anyhow::Result<Outcome> {
 
     if plan.state == State::Active {
         let t = Instant::now();
-        if let Err(reason) = validate(host, &settings, &facts, &changes, opts.dry_run) {
+        if let Err(reason) = validate(host, &settings, &facts, &plan, &changes, opts.dry_run) {
             plan = plan.fall_back(reason);
             changes = build_changes(host, &settings, &facts, &plan).unwrap_or_default();
         }
@@ -310,22 +310,28 @@ fn containerd_change(
             .unwrap_or_default();
         (Some(t.clone()), t)
     };
+    // Imported files without `version` are read with the main file's.
+    let schema = inspection.schema;
     let patched = if active {
-        let opts = PatchOptions {
-            address: s.soci.address.clone(),
-            root: s.soci.root.clone(),
-            transfer_platform: plan.transfer_platform.clone(),
-        };
-        containerd::patch(&target, &target_text, &opts).map_err(cfg_err)?
+        containerd::patch_with_schema(&target, &target_text, &patch_options(s, plan), schema)
+            .map_err(cfg_err)?
     } else {
         let restore = original_snapshotter(host, &target);
-        containerd::unpatch(&target, &target_text, &restore).map_err(cfg_err)?
+        containerd::unpatch_with_schema(&target, &target_text, &restore, schema).map_err(cfg_err)?
     };
     Ok(Some(Change {
         host_path: target,
         old: target_old,
         new: Some(patched.text),
     }))
+}
+
+fn patch_options(s: &Settings, plan: &Plan) -> PatchOptions {
+    PatchOptions {
+        address: s.soci.address.clone(),
+        root: s.soci.root.clone(),
+        transfer_platform: plan.transfer_platform.clone(),
+    }
 }
 
 /// The snapshotter the CRI used before soci-node first changed the file,
@@ -400,6 +406,7 @@ fn validate(
     host: &Host,
     s: &Settings,
     f: &Facts,
+    plan: &Plan,
     changes: &[Change],
     dry_run: bool,
 ) -> Result<(), Reason> {
@@ -449,14 +456,30 @@ fn validate(
             &["--config", &tmp_path, "config", "dump"],
             timeout,
         );
-        if let Err(e) = res {
-            return Err(Reason::new(
+        let dump = res.map_err(|e| {
+            Reason::new(
                 code,
                 format!(
                     "{what} rejects the config soci-node would write for {}: {e}; the file was left as it was; report this with `soci-node preflight --dry-run` output",
                     c.host_path
                 ),
-            ));
+            )
+        })?;
+        // Accepted is not enough: containerd may silently drop keys (a
+        // version 2 file on containerd 2.x loses the CRI snapshotter when
+        // its CRI table has no runtimes). Check what it would really use.
+        if what == "containerd" {
+            let problems = containerd::dump_problems(&dump.stdout, &patch_options(s, plan));
+            if !problems.is_empty() {
+                return Err(Reason::new(
+                    code,
+                    format!(
+                        "containerd would not use SOCI with the config soci-node would write for {}: {}; the file was left as it was (for a version 2 file on containerd 2.x: `containerd config migrate`)",
+                        c.host_path,
+                        problems.join("; ")
+                    ),
+                ));
+            }
         }
     }
     Ok(())
