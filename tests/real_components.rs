@@ -6,12 +6,14 @@
 //! `config dump` accepts the result and shows the CRI switched to `soci`; a
 //! second preflight changes nothing; the daemons start on the written
 //! configs; a CRI PullImage (what kubelet sends, naming no snapshotter) lands
-//! the image's layers in the soci snapshotter and none in overlayfs.
+//! the image's layers in the soci snapshotter and none in overlayfs (on 2.1
+//! also a transfer-service pull by ctr, which follows `unpack_config`).
 
 mod support;
 
 use std::fs;
-use std::time::Instant;
+use std::process::Command;
+use std::time::{Duration, Instant};
 use support::*;
 
 #[test]
@@ -185,6 +187,25 @@ fn activate_and_pull(v: Ctd) {
         containerd.log_tail(30)
     );
 
+    // containerd 2.1: the CRI pulls through its local path while
+    // `disable_snapshot_annotations = false` (which soci-node sets; the
+    // transfer service is skipped then), but ctr and other clients use the
+    // transfer service, whose `unpack_config` picks the snapshotter. Pull
+    // the image that way too, in the `default` namespace, naming no
+    // snapshotter, alongside the CRI pull (both mostly wait on SOCI).
+    let transfer_pull = (v == Ctd::V21).then(|| {
+        let mut cmd = Command::new(v.ctr());
+        cmd.arg("--address").arg(&fx.ctd_sock).args([
+            "-n",
+            "default",
+            "images",
+            "pull",
+            "--plain-http",
+            &reference,
+        ]);
+        std::thread::spawn(move || run_cmd(&mut cmd, Duration::from_secs(170)))
+    });
+
     // A real CRI pull: the CRI plugin picks the snapshotter from the config
     // soci-node wrote. SOCI 0.4.1 looks for a SOCI index over HTTPS only and
     // retries for ~8 s per layer against this plain-HTTP registry before it
@@ -209,38 +230,17 @@ fn activate_and_pull(v: Ctd) {
         images.stdout.lines().any(|l| l == reference),
         "{reference} not in the CRI namespace: {images}"
     );
-    let soci_snaps = fx.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]);
-    assert!(soci_snaps.ok(), "{soci_snaps}");
-    let keys = snapshot_keys(&soci_snaps.stdout);
-    assert_eq!(
-        keys.len(),
-        image.layer_count,
-        "one committed soci snapshot per layer:\n{}",
-        soci_snaps.stdout
-    );
-    assert!(
-        soci_snaps
-            .stdout
-            .lines()
-            .skip(1)
-            .all(|l| l.trim_end().ends_with("Committed")),
-        "{}",
-        soci_snaps.stdout
-    );
-    let overlay = fx.ctr(&[
-        "-n",
-        "k8s.io",
-        "snapshots",
-        "--snapshotter",
-        "overlayfs",
-        "ls",
-    ]);
-    assert!(overlay.ok(), "{overlay}");
-    assert!(
-        snapshot_keys(&overlay.stdout).is_empty(),
-        "the image must not be in overlayfs:\n{}",
-        overlay.stdout
-    );
+    assert_layers_in_soci(&fx, "k8s.io", image.layer_count);
+
+    if let Some(handle) = transfer_pull {
+        let run = handle.join().expect("ctr pull thread");
+        assert!(
+            run.ok(),
+            "ctr (transfer service) pull failed: {run}\n{}",
+            containerd.log_tail(30)
+        );
+        assert_layers_in_soci(&fx, "default", image.layer_count);
+    }
     containerd.alive().expect("containerd died");
     soci.alive().expect("soci-snapshotter-grpc died");
 
@@ -318,6 +318,40 @@ fn cri_credentials_write_and_remove_the_kubelet_dropin() {
         "{soci_cfg:#?}"
     );
     fx.config_dump().unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `layers` committed snapshots in the soci snapshotter, none in overlayfs.
+fn assert_layers_in_soci(fx: &Fixture, namespace: &str, layers: usize) {
+    let soci = fx.ctr(&["-n", namespace, "snapshots", "--snapshotter", "soci", "ls"]);
+    assert!(soci.ok(), "{soci}");
+    assert_eq!(
+        snapshot_keys(&soci.stdout).len(),
+        layers,
+        "{namespace}: one committed soci snapshot per layer:\n{}",
+        soci.stdout
+    );
+    assert!(
+        soci.stdout
+            .lines()
+            .skip(1)
+            .all(|l| l.trim_end().ends_with("Committed")),
+        "{namespace}: {}",
+        soci.stdout
+    );
+    let overlay = fx.ctr(&[
+        "-n",
+        namespace,
+        "snapshots",
+        "--snapshotter",
+        "overlayfs",
+        "ls",
+    ]);
+    assert!(overlay.ok(), "{overlay}");
+    assert!(
+        snapshot_keys(&overlay.stdout).is_empty(),
+        "{namespace}: the image must not be in overlayfs:\n{}",
+        overlay.stdout
+    );
 }
 
 fn conf_files(fx: &Fixture) -> Vec<std::path::PathBuf> {
