@@ -14,6 +14,7 @@ pub mod hostpath;
 pub mod imds;
 pub mod kubelet;
 pub mod logging;
+pub mod nodeadm;
 pub mod preflight;
 pub mod run;
 pub mod settings;
