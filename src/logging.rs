@@ -26,6 +26,7 @@ pub fn init(verbose: u8, live: bool) {
     let stderr = (journald.is_none() || !under_systemd).then(|| {
         tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_target(false)
             .without_time()
             .compact()

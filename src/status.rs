@@ -173,6 +173,39 @@ pub fn render(s: &Status) -> String {
         v(&s.versions.soci_snapshotter_grpc),
         v(&s.versions.soci)
     );
+    let f = &s.facts;
+    let gib = |v: &serde_json::Value| {
+        v.as_u64()
+            .map(|b| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64))
+    };
+    if f.get("cpus").is_some() {
+        let node = [
+            f["imds"]["instance_type"].as_str().map(str::to_string),
+            f["imds"]["region"].as_str().map(str::to_string),
+            f["cpus"].as_u64().map(|c| format!("{c} CPUs")),
+            gib(&f["memory_bytes"]),
+        ];
+        let node: Vec<String> = node.into_iter().flatten().collect();
+        let _ = writeln!(o, "node:        {}", node.join(", "));
+    }
+    for key in ["soci_root", "containerd_root"] {
+        let p = &f["storage"][key];
+        if let Some(path) = p["host_path"].as_str() {
+            let on = p["backing"]
+                .as_str()
+                .or(p["source"].as_str())
+                .unwrap_or("unknown device");
+            let store = if p["on_instance_store"].as_bool() == Some(true) {
+                ", instance store"
+            } else {
+                ""
+            };
+            let free = gib(&p["free_bytes"])
+                .map(|g| format!(", {g} free"))
+                .unwrap_or_default();
+            let _ = writeln!(o, "disk:        {path} on {on}{store}{free}");
+        }
+    }
     for r in &s.reasons {
         let _ = writeln!(o, "reason:      [{}] {}", r.code, r.message);
     }
