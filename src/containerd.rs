@@ -198,7 +198,87 @@ pub fn patch_with_schema(
 /// `restore` too (only they are touched): with SOCI down they would make
 /// every transfer-service pull (ctr, nerdctl) fail.
 pub fn unpatch(path: &str, text: &str, restore: &str) -> Result<Patched, ContainerdError> {
-    unpatch_impl(path, text, restore, None)
+    unpatch_impl(path, text, &Restore::snapshotter_only(restore), None)
+}
+
+/// What a fallback puts back, taken from the original file (the backup).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Restore {
+    pub snapshotter: String,
+    pub disable_snapshot_annotations: KeyRestore,
+    /// The original had no `[proxy_plugins.soci]`: remove ours.
+    pub drop_soci_proxy: bool,
+    /// The original had a `[proxy_plugins]` table (kept even when empty).
+    pub had_proxy_table: bool,
+    /// The original's transfer-service table: whether it existed and the
+    /// platforms of its unpack_config entries. soci entries for other
+    /// platforms were added by soci-node and are removed. None: unknown,
+    /// soci entries are pointed back at `snapshotter` instead.
+    pub original_transfer: Option<(bool, Vec<String>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeyRestore {
+    Leave,
+    Set(bool),
+    Remove,
+}
+
+impl Restore {
+    pub fn snapshotter_only(snapshotter: &str) -> Restore {
+        Restore {
+            snapshotter: snapshotter.to_string(),
+            disable_snapshot_annotations: KeyRestore::Leave,
+            drop_soci_proxy: false,
+            had_proxy_table: true,
+            original_transfer: None,
+        }
+    }
+
+    /// Everything soci-node set, back to what `original` (the file before
+    /// soci-node first changed it) says. Without an original only the
+    /// snapshotter goes back (to containerd's default) and nothing is
+    /// removed: the SOCI settings may be someone else's (nodeadm).
+    pub fn from_original(path: &str, original: Option<&str>) -> Restore {
+        let Some(doc) = original.and_then(|t| parse(path, t).ok()) else {
+            return Restore::snapshotter_only("overlayfs");
+        };
+        let Ok(schema) = schema_of(path, &doc, None) else {
+            return Restore::snapshotter_only("overlayfs");
+        };
+        let snapshotter = snapshotter_of(&doc, schema)
+            .filter(|s| s != SOCI)
+            .unwrap_or_else(|| "overlayfs".to_string());
+        let mut key = schema.snapshotter_table().to_vec();
+        key.push("disable_snapshot_annotations");
+        let dsa = match lookup(doc.as_table(), &key).and_then(Item::as_bool) {
+            Some(b) => KeyRestore::Set(b),
+            None => KeyRestore::Remove,
+        };
+        Restore {
+            snapshotter,
+            disable_snapshot_annotations: dsa,
+            drop_soci_proxy: lookup(doc.as_table(), &["proxy_plugins", SOCI]).is_none(),
+            had_proxy_table: doc.get("proxy_plugins").is_some(),
+            original_transfer: Some((
+                lookup(doc.as_table(), &["plugins", TRANSFER]).is_some(),
+                unpack_entries(doc.as_table())
+                    .into_iter()
+                    .filter_map(|(p, _)| p)
+                    .collect(),
+            )),
+        }
+    }
+}
+
+/// Fallback with everything soci-node set put back as `restore` says.
+pub fn unpatch_to(
+    path: &str,
+    text: &str,
+    restore: &Restore,
+    main_schema: Schema,
+) -> Result<Patched, ContainerdError> {
+    unpatch_impl(path, text, restore, Some(main_schema))
 }
 
 /// [`unpatch`] for an imported file without its own `version`.
@@ -208,7 +288,12 @@ pub fn unpatch_with_schema(
     restore: &str,
     main_schema: Schema,
 ) -> Result<Patched, ContainerdError> {
-    unpatch_impl(path, text, restore, Some(main_schema))
+    unpatch_impl(
+        path,
+        text,
+        &Restore::snapshotter_only(restore),
+        Some(main_schema),
+    )
 }
 
 /// Which file among main + imported files holds the CRI table that must be
@@ -509,12 +594,27 @@ fn patch_impl(
 fn unpatch_impl(
     path: &str,
     text: &str,
-    restore: &str,
+    restore: &Restore,
     fallback: Option<Schema>,
 ) -> Result<Patched, ContainerdError> {
     let mut doc = parse(path, text)?;
     let schema = schema_of(path, &doc, fallback)?;
     let previous_snapshotter = snapshotter_of(&doc, schema);
+    let mut removed = false;
+    if restore.drop_soci_proxy {
+        if let Some(pp) = doc
+            .get_mut("proxy_plugins")
+            .and_then(Item::as_table_like_mut)
+        {
+            removed = pp.remove(SOCI).is_some();
+            if removed && pp.is_empty() && !restore.had_proxy_table {
+                doc.remove("proxy_plugins");
+            }
+        }
+    }
+    if let Some((had_table, platforms)) = &restore.original_transfer {
+        removed |= remove_added_unpack_entries(&mut doc, *had_table, platforms);
+    }
     let mut ed = Editor::new(path, &doc, schema);
     if previous_snapshotter.as_deref() == Some(SOCI) {
         let mut t = ed.descend(
@@ -522,8 +622,18 @@ fn unpatch_impl(
             schema.snapshotter_table(),
             &implicit_parents(schema.snapshotter_table().len()),
         )?;
-        ed.set(&mut t, "snapshotter", Want::Str(restore))?;
+        ed.set(&mut t, "snapshotter", Want::Str(&restore.snapshotter))?;
+        match restore.disable_snapshot_annotations {
+            KeyRestore::Leave => {}
+            KeyRestore::Set(b) => ed.set(&mut t, "disable_snapshot_annotations", Want::Bool(b))?,
+            KeyRestore::Remove => {
+                if let Node::Std(t) = &mut t {
+                    removed |= t.remove("disable_snapshot_annotations").is_some();
+                }
+            }
+        }
     }
+    ed.modified |= removed;
     let uses_soci = unpack_entries(doc.as_table())
         .iter()
         .any(|(_, s)| s.as_deref() == Some(SOCI));
@@ -533,9 +643,53 @@ fn unpatch_impl(
             &["plugins", TRANSFER],
             &[true, true],
         )?;
-        ed.restore_unpack(t, restore)?;
+        ed.restore_unpack(t, &restore.snapshotter)?;
     }
     finish(path, text, doc, ed.modified, schema, previous_snapshotter)
+}
+
+/// Remove `[[unpack_config]]` entries that use soci for a platform the
+/// original had no entry for (soci-node added them), then the tables that
+/// became empty and were not in the original. True when anything went.
+fn remove_added_unpack_entries(
+    doc: &mut DocumentMut,
+    had_table: bool,
+    platforms: &[String],
+) -> bool {
+    let Some(transfer) = doc
+        .get_mut("plugins")
+        .and_then(Item::as_table_like_mut)
+        .and_then(|p| p.get_mut(TRANSFER))
+        .and_then(Item::as_table_like_mut)
+    else {
+        return false;
+    };
+    let mut removed = false;
+    if let Some(Item::ArrayOfTables(aot)) = transfer.get_mut("unpack_config") {
+        let mut i = 0;
+        while i < aot.len() {
+            let t = aot.get(i).expect("index in range");
+            let added = t.get("snapshotter").and_then(Item::as_str) == Some(SOCI)
+                && t.get("platform")
+                    .and_then(Item::as_str)
+                    .is_some_and(|p| !platforms.iter().any(|o| o == p));
+            if added {
+                aot.remove(i);
+                removed = true;
+            } else {
+                i += 1;
+            }
+        }
+        if aot.is_empty() {
+            transfer.remove("unpack_config");
+        }
+    }
+    if removed && !had_table && transfer.is_empty() {
+        if let Some(p) = doc.get_mut("plugins").and_then(Item::as_table_like_mut) {
+            p.remove(TRANSFER);
+        }
+    }
+    removed
 }
 
 /// Render, and check the result parses and reads back as intended before
@@ -1943,6 +2097,40 @@ root = "/var/lib/soci-snapshotter-grpc"
         // No snapshotter at all: unchanged too.
         let u = unpatch("c.toml", "version = 3\n", "overlayfs").unwrap();
         assert!(!u.changed);
+    }
+
+    #[test]
+    fn unpatch_to_the_original_is_byte_identical() {
+        let originals = [
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nsnapshotter = \"overlayfs\" # default\n",
+            "version = 2\n# nodeadm\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\nsnapshotter = \"overlayfs\"\ndisable_snapshot_annotations = true\n\n[proxy_plugins.stargz]\ntype = \"snapshot\"\naddress = \"/run/stargz.sock\"\n",
+        ];
+        for original in originals {
+            let p = patch_ok(original, None);
+            assert!(p.text.contains("disable_snapshot_annotations = false"));
+            let r = Restore::from_original("c.toml", Some(original));
+            assert!(r.drop_soci_proxy);
+            let u = unpatch_to("c.toml", &p.text, &r, Schema::V2).unwrap();
+            let i = inspect("c.toml", &u.text).unwrap();
+            assert_eq!(i.cri_snapshotter.as_deref(), Some("overlayfs"));
+            assert!(!i.has_soci_proxy, "{}", u.text);
+            assert!(
+                !u.text.contains("disable_snapshot_annotations = false"),
+                "{}",
+                u.text
+            );
+            assert!(u.text.contains("[proxy_plugins.stargz]") == original.contains("stargz"));
+        }
+        // Without an original nothing but the snapshotter moves.
+        let p = patch_ok(originals[0], None);
+        let u = unpatch_to(
+            "c.toml",
+            &p.text,
+            &Restore::from_original("c.toml", None),
+            Schema::V2,
+        )
+        .unwrap();
+        assert!(inspect("c.toml", &u.text).unwrap().has_soci_proxy);
     }
 
     #[test]

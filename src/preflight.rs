@@ -73,7 +73,13 @@ pub fn run(host: &Host, opts: &Options) -> anyhow::Result<Outcome> {
     let (settings, settings_error) = match Settings::load(&opts.settings_real, &opts.settings_shown)
     {
         Ok(s) => (s, None),
-        Err(e) => (Settings::default(), Some(e)),
+        // Safe defaults, but no network call: IMDS only informs, and a
+        // broken settings file may be on a machine that is not EC2.
+        Err(e) => {
+            let mut s = Settings::default();
+            s.imds.enabled = false;
+            (s, Some(e))
+        }
     };
     timings.push(("settings".into(), t.elapsed().as_millis() as u64));
 
@@ -316,8 +322,9 @@ fn containerd_change(
         containerd::patch_with_schema(&target, &target_text, &patch_options(s, plan), schema)
             .map_err(cfg_err)?
     } else {
-        let restore = original_snapshotter(host, &target);
-        containerd::unpatch_with_schema(&target, &target_text, &restore, schema).map_err(cfg_err)?
+        let original = std::fs::read_to_string(fsio::backup_path(host, &target)).ok();
+        let restore = containerd::Restore::from_original(&target, original.as_deref());
+        containerd::unpatch_to(&target, &target_text, &restore, schema).map_err(cfg_err)?
     };
     Ok(Some(Change {
         host_path: target,
@@ -332,17 +339,6 @@ fn patch_options(s: &Settings, plan: &Plan) -> PatchOptions {
         root: s.soci.root.clone(),
         transfer_platform: plan.transfer_platform.clone(),
     }
-}
-
-/// The snapshotter the CRI used before soci-node first changed the file,
-/// from the backup; containerd's default when unknown.
-fn original_snapshotter(host: &Host, host_path: &str) -> String {
-    std::fs::read_to_string(fsio::backup_path(host, host_path))
-        .ok()
-        .and_then(|t| containerd::inspect(host_path, &t).ok())
-        .and_then(|i| i.cri_snapshotter)
-        .filter(|s| s != containerd::SOCI)
-        .unwrap_or_else(|| "overlayfs".to_string())
 }
 
 /// Imported files in containerd's merge order. Patterns may be globs in

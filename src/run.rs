@@ -62,19 +62,27 @@ pub fn run(program: &Path, args: &[&str], timeout: Duration) -> Result<Output, R
             },
         })?;
     // Drain pipes on threads so a chatty child cannot block on a full pipe
-    // while we wait for it.
+    // while we wait for it. Their results come back over a channel, so a
+    // grandchild that keeps the pipes open cannot hold us past the bound.
+    let (tx, rx) = std::sync::mpsc::channel::<(bool, Vec<u8>)>();
     let mut out = child.stdout.take().expect("piped");
     let mut err = child.stderr.take().expect("piped");
-    let t_out = std::thread::spawn(move || {
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = out.read_to_end(&mut s);
-        s
+        let _ = tx.send((true, s));
     });
-    let t_err = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = err.read_to_end(&mut s);
-        s
+        let _ = tx2.send((false, s));
     });
+    let timed_out = || RunError::Timeout {
+        program: shown.clone(),
+        args: args.join(" "),
+        timeout_ms: timeout.as_millis() as u64,
+    };
     let status = match child.wait_timeout(timeout).map_err(|e| RunError::Spawn {
         program: shown.clone(),
         source: e,
@@ -83,15 +91,26 @@ pub fn run(program: &Path, args: &[&str], timeout: Duration) -> Result<Output, R
         None => {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(RunError::Timeout {
-                program: shown,
-                args: args.join(" "),
-                timeout_ms: timeout.as_millis() as u64,
-            });
+            return Err(timed_out());
         }
     };
-    let stdout = String::from_utf8_lossy(&t_out.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&t_err.join().unwrap_or_default()).into_owned();
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    for _ in 0..2 {
+        let left = timeout
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_millis(50));
+        match rx.recv_timeout(left) {
+            Ok((is_out, bytes)) => {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                if is_out {
+                    stdout = text;
+                } else {
+                    stderr = text;
+                }
+            }
+            Err(_) => return Err(timed_out()),
+        }
+    }
     if !status.success() {
         return Err(RunError::Failed {
             program: shown,
@@ -139,6 +158,19 @@ mod tests {
         .unwrap_err();
         assert!(matches!(e, RunError::Timeout { .. }), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_grandchild_holding_the_pipe_does_not_hold_us() {
+        let t = Instant::now();
+        let e = run(
+            Path::new("/bin/sh"),
+            &["-c", "sleep 30 & echo started"],
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(matches!(e, RunError::Timeout { .. }), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(3));
     }
 
     #[test]

@@ -186,7 +186,9 @@ pub fn render(s: &Status) -> String {
             gib(&f["memory_bytes"]),
         ];
         let node: Vec<String> = node.into_iter().flatten().collect();
-        let _ = writeln!(o, "node:        {}", node.join(", "));
+        if !node.is_empty() {
+            let _ = writeln!(o, "node:        {}", node.join(", "));
+        }
     }
     for key in ["soci_root", "containerd_root"] {
         let p = &f["storage"][key];

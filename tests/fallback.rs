@@ -207,6 +207,7 @@ fn on_failure_fail_exits_1() {
 fn fallback_after_activation_restores_the_original_snapshotter() {
     for v in BOTH {
         let fx = Fixture::new(v);
+        let original = fx.read(CONTAINERD_CONFIG);
         let run = fx.preflight(&[]);
         run.assert_code(0);
         assert_eq!(fx.status()["state"], "active", "{run}");
@@ -216,6 +217,9 @@ fn fallback_after_activation_restores_the_original_snapshotter() {
         fs::remove_file(fx.path("/dev/fuse")).unwrap();
         let run = fx.preflight(&[]);
         assert_fallback(&fx, &run, "no-fuse");
+        // Everything soci-node set goes back to the original (the backup):
+        // for containerd's own default config that is byte for byte.
+        assert_eq!(fx.read(CONTAINERD_CONFIG), original, "{v:?}");
         // Idempotent in fallback too.
         let before = fx.read(CONTAINERD_CONFIG);
         let run = fx.preflight(&[]);
