@@ -1,7 +1,8 @@
 //! Command line: parsing, dispatch, exit codes.
 
 use crate::hostpath::{known, Host};
-use crate::{logging, preflight, status};
+use crate::settings::Settings;
+use crate::{logging, preflight, prime, status};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -57,6 +58,22 @@ pub enum Command {
     Preflight(PreflightArgs),
     /// Show what the last preflight decided and why.
     Status(StatusArgs),
+    /// After containerd is up: put the sandbox image into the SOCI snapshotter.
+    ///
+    /// Runs as containerd's ExecStartPost, so kubelet's first sandbox needs
+    /// no pull. Imports prime.sandbox_tarball (EKS: /etc/eks/pause.tar) when
+    /// it exists, pulls otherwise; a no-op when already done or when SOCI is
+    /// not the CRI snapshotter. Bounded by prime.timeout_ms. Exits 0 when the
+    /// image is ready or nothing is to be done, 1 when it could not be made
+    /// ready (the unit ignores that: containerd keeps running).
+    Prime(PrimeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PrimeArgs {
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -86,13 +103,18 @@ pub fn main() -> i32 {
     }
 }
 
+/// Where soci-node's settings are read from, and how to name them.
+fn settings_path(cli: &Cli, host: &Host) -> (PathBuf, String) {
+    match &cli.config {
+        Some(p) => (p.clone(), p.display().to_string()),
+        None => (host.path(known::SETTINGS), known::SETTINGS.to_string()),
+    }
+}
+
 fn dispatch(cli: &Cli, host: &Host) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Preflight(a) => {
-            let (settings_real, settings_shown) = match &cli.config {
-                Some(p) => (p.clone(), p.display().to_string()),
-                None => (host.path(known::SETTINGS), known::SETTINGS.to_string()),
-            };
+            let (settings_real, settings_shown) = settings_path(cli, host);
             let out = preflight::run(
                 host,
                 &preflight::Options {
@@ -111,6 +133,30 @@ fn dispatch(cli: &Cli, host: &Host) -> anyhow::Result<i32> {
             }
             print!("{}", status::render(&out.status));
             Ok(out.exit_code)
+        }
+        Command::Prime(a) => {
+            let (real, shown) = settings_path(cli, host);
+            let settings = Settings::load(&real, &shown)?;
+            match prime::prime(host, &settings) {
+                Ok(r) => {
+                    if a.json {
+                        println!("{}", serde_json::to_string_pretty(&r)?);
+                    } else {
+                        println!(
+                            "prime: {} {} ({} ms)",
+                            r.image.as_deref().unwrap_or("-"),
+                            r.message,
+                            r.elapsed_ms
+                        );
+                    }
+                    Ok(0)
+                }
+                Err(e) => {
+                    tracing::error!("prime failed: {e}");
+                    eprintln!("soci-node prime: {e}");
+                    Ok(1)
+                }
+            }
         }
         Command::Status(a) => {
             let s = status::read(host)?;

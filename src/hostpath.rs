@@ -24,6 +24,8 @@ pub mod known {
     pub const CONTAINERD_ROOT: &str = "/var/lib/containerd";
     pub const CONTAINERD_SOCKET: &str = "/run/containerd/containerd.sock";
     pub const CONTAINERD_BIN: &str = "/usr/bin/containerd";
+    pub const CTR_BIN: &str = "/usr/bin/ctr";
+    pub const EKS_PAUSE_TAR: &str = "/etc/eks/pause.tar";
     pub const SOCI_GRPC_BIN: &str = "/usr/bin/soci-snapshotter-grpc";
     pub const SOCI_BIN: &str = "/usr/bin/soci";
     pub const NODEADM_BIN: &str = "/usr/bin/nodeadm";

@@ -16,6 +16,7 @@ pub mod kubelet;
 pub mod logging;
 pub mod nodeadm;
 pub mod preflight;
+pub mod prime;
 pub mod run;
 pub mod settings;
 pub mod soci;

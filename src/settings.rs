@@ -72,6 +72,7 @@ pub struct Settings {
     pub imds: Imds,
     pub containerd: Containerd,
     pub soci: Soci,
+    pub prime: Prime,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -97,6 +98,8 @@ pub struct Storage {
 #[serde(deny_unknown_fields, default)]
 pub struct Binaries {
     pub containerd: String,
+    /// containerd's CLI, used by `prime` (it matches the server's version).
+    pub ctr: String,
     pub soci_snapshotter_grpc: String,
     pub soci: String,
     pub nodeadm: String,
@@ -117,6 +120,8 @@ pub struct Imds {
 #[serde(deny_unknown_fields, default)]
 pub struct Containerd {
     pub config: String,
+    /// containerd's gRPC socket (for `prime`).
+    pub address: String,
     pub root: String,
     /// Validate every patched config with `containerd config dump` before
     /// it replaces the old one.
@@ -137,6 +142,31 @@ pub struct Soci {
     pub extra: toml::Table,
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Prime {
+    /// Image archive of the sandbox image, imported instead of pulling when
+    /// it exists (EKS AMIs ship the pause image there).
+    pub sandbox_tarball: String,
+    /// Bound on the whole of `prime`; containerd's ExecStartPost waits for it.
+    pub timeout_ms: u64,
+    /// Tries for an import or pull that fails.
+    pub attempts: u32,
+    /// Pull the sandbox image over plain HTTP (local test registries only).
+    pub plain_http: bool,
+}
+
+impl Default for Prime {
+    fn default() -> Self {
+        Prime {
+            sandbox_tarball: known::EKS_PAUSE_TAR.into(),
+            timeout_ms: 120_000,
+            attempts: 3,
+            plain_http: false,
+        }
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Settings {
@@ -149,6 +179,7 @@ impl Default for Settings {
             imds: Imds::default(),
             containerd: Containerd::default(),
             soci: Soci::default(),
+            prime: Prime::default(),
         }
     }
 }
@@ -177,6 +208,7 @@ impl Default for Binaries {
     fn default() -> Self {
         Binaries {
             containerd: known::CONTAINERD_BIN.into(),
+            ctr: known::CTR_BIN.into(),
             soci_snapshotter_grpc: known::SOCI_GRPC_BIN.into(),
             soci: known::SOCI_BIN.into(),
             nodeadm: known::NODEADM_BIN.into(),
@@ -200,6 +232,7 @@ impl Default for Containerd {
     fn default() -> Self {
         Containerd {
             config: known::CONTAINERD_CONFIG.into(),
+            address: known::CONTAINERD_SOCKET.into(),
             root: known::CONTAINERD_ROOT.into(),
             validate: true,
         }
@@ -250,6 +283,9 @@ impl Settings {
         };
         for (key, value) in [
             ("binaries.containerd", &self.binaries.containerd),
+            ("binaries.ctr", &self.binaries.ctr),
+            ("containerd.address", &self.containerd.address),
+            ("prime.sandbox_tarball", &self.prime.sandbox_tarball),
             (
                 "binaries.soci_snapshotter_grpc",
                 &self.binaries.soci_snapshotter_grpc,
@@ -284,6 +320,9 @@ impl Settings {
                 "`imds.timeout_ms` = {} is outside 1..=5000; IMDS sits on the boot path, keep it well under a second",
                 self.imds.timeout_ms
             ));
+        }
+        if self.prime.attempts == 0 || self.prime.timeout_ms == 0 {
+            return bad("`prime.attempts` and `prime.timeout_ms` must be > 0".into());
         }
         if self.binaries.timeout_ms == 0 {
             return bad("`binaries.timeout_ms` must be > 0".into());
