@@ -24,15 +24,9 @@ failed=0
 total_passed=0
 total_failed=0
 
-count_tests() {
-  # Sum cargo's "test result: ok. N passed; M failed" lines of a log.
-  local p f
-  p=$(grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$1" | awk '{s+=$4} END {print s+0}')
-  f=$(grep -Eo '; [0-9]+ failed' "$1" | awk '{s+=$2} END {print s+0}')
-  total_passed=$((total_passed + p))
-  total_failed=$((total_failed + f))
-  echo "$p passed, $f failed"
-}
+# Sum cargo's "test result: ok. N passed; M failed" lines of a log.
+passed_in() { grep -Eo 'test result: [a-zA-Z]+\. [0-9]+ passed' "$1" | awk '{s+=$4} END {print s+0}'; }
+failed_in() { grep -Eo 'test result: .*; [0-9]+ failed' "$1" | grep -Eo '[0-9]+ failed' | awk '{s+=$1} END {print s+0}'; }
 
 stage_deps()   { bash scripts/test-deps.sh; }
 stage_lint()   { cargo fmt --all -- --check && cargo clippy --all-targets --quiet -- -D warnings; }
@@ -61,7 +55,11 @@ for s in "${stages[@]}"; do
   if "stage_$s" 2>&1 | tee "$log"; then rc=0; else rc=1; fi
   secs=$(( $(date +%s) - start ))
   counts=""
-  grep -q 'test result:' "$log" && counts=" ($(count_tests "$log"))"
+  if grep -q 'test result:' "$log"; then
+    p=$(passed_in "$log") f=$(failed_in "$log")
+    total_passed=$((total_passed + p)) total_failed=$((total_failed + f))
+    counts=" ($p passed, $f failed)"
+  fi
   if ((rc == 0)); then
     summary+=("PASS  $s  ${secs}s$counts")
   else
