@@ -2,7 +2,7 @@
 
 use crate::hostpath::{known, Host};
 use crate::settings::Settings;
-use crate::{logging, preflight, prime, status};
+use crate::{apply, logging, preflight, prime, status, systemd};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -67,6 +67,30 @@ pub enum Command {
     /// image is ready or nothing is to be done, 1 when it could not be made
     /// ready (the unit ignores that: containerd keeps running).
     Prime(PrimeArgs),
+    /// Live install (SSM Run Command): preflight, restart soci-snapshotter
+    /// then containerd through systemd's D-Bus API, check the plugin, handle
+    /// images unpacked only in overlayfs, prime.
+    ///
+    /// Restarts only when a config changed or the plugin is not live, and
+    /// never when SOCI could not be activated. Exits 0 ok, 1 ok with
+    /// warnings, 2 failed (the reason is printed).
+    Apply(ApplyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Write the configs but restart nothing (they take effect at the next
+    /// containerd restart).
+    #[arg(long)]
+    pub no_restart: bool,
+    /// What to do with images unpacked only in overlayfs (after the switch
+    /// the CRI lists them, but new containers from them can fail with
+    /// "failed to get reader from content store").
+    #[arg(long, value_enum, default_value = "remove")]
+    pub images: apply::ImagesPolicy,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +124,18 @@ pub fn main() -> i32 {
             eprintln!("soci-node: {e:#}");
             3
         }
+    }
+}
+
+/// Used with --no-restart (and when there is no bus): restarts nothing.
+struct NoUnits;
+
+impl systemd::UnitControl for NoUnits {
+    fn restart(&self, unit: &str, _: std::time::Duration) -> Result<(), systemd::UnitError> {
+        Err(systemd::UnitError::Bus(format!("not restarting {unit}")))
+    }
+    fn describe(&self, _: &str) -> String {
+        "unknown".into()
     }
 }
 
@@ -157,6 +193,71 @@ fn dispatch(cli: &Cli, host: &Host) -> anyhow::Result<i32> {
                     Ok(1)
                 }
             }
+        }
+        Command::Apply(a) => {
+            let (settings_real, settings_shown) = settings_path(cli, host);
+            let settings = Settings::load(&settings_real, &settings_shown)?;
+            let out = preflight::run(
+                host,
+                &preflight::Options {
+                    dry_run: false,
+                    settings_real,
+                    settings_shown,
+                },
+            )?;
+            let st = &out.status;
+            let inputs = apply::Inputs {
+                active: st.state == status::StateOut::Active,
+                reasons: st
+                    .reasons
+                    .iter()
+                    .map(|r| format!("{}: {}", r.code, r.message))
+                    .collect(),
+                files_changed: st
+                    .files
+                    .iter()
+                    .any(|f| !matches!(f.action, status::FileAction::Unchanged)),
+                restart: !a.no_restart,
+                images: a.images,
+                restart_timeout: std::time::Duration::from_secs(180),
+                plugin_wait: std::time::Duration::from_secs(20),
+            };
+            let rt = apply::CtrRuntime {
+                ctr: host.path(&settings.binaries.ctr),
+                address: settings.containerd.address.clone(),
+                plain_http: settings.prime.plain_http,
+            };
+            let mut report = if a.no_restart {
+                apply::orchestrate(&inputs, &NoUnits, &rt)
+            } else {
+                match systemd::Dbus::system() {
+                    Ok(bus) => apply::orchestrate(&inputs, &bus, &rt),
+                    Err(e) => {
+                        let mut r = apply::orchestrate(&inputs, &NoUnits, &rt);
+                        r.errors.push(e.to_string());
+                        r.exit_code = 2;
+                        r
+                    }
+                }
+            };
+            if report.plugin_ok == Some(true) {
+                match prime::prime(host, &settings) {
+                    Ok(p) => {
+                        report.prime =
+                            Some(format!("{} {}", p.image.unwrap_or_default(), p.message))
+                    }
+                    Err(e) => {
+                        report.errors.push(format!("prime: {e}"));
+                        report.exit_code = 2;
+                    }
+                }
+            }
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", apply::render(&report));
+            }
+            Ok(report.exit_code)
         }
         Command::Status(a) => {
             let s = status::read(host)?;

@@ -5,6 +5,7 @@
 //! `storage`) is kept apart from host I/O (`facts`, `fsio`, `status`,
 //! `preflight`), so most behaviour is tested without a host.
 
+pub mod apply;
 pub mod cli;
 pub mod containerd;
 pub mod decide;
@@ -22,4 +23,5 @@ pub mod settings;
 pub mod soci;
 pub mod status;
 pub mod storage;
+pub mod systemd;
 pub mod version;

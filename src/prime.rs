@@ -242,14 +242,9 @@ fn wait_ready(ctr: &Ctr, deadline: Instant) -> Result<(), PrimeError> {
 
 /// Is the image's top-layer snapshot in the soci snapshotter?
 fn is_primed(ctr: &Ctr, image: &str, arch: &str) -> bool {
-    let filter = format!("name=={image}");
-    let Ok(ls) = ctr.run(&["images", "ls", &filter]) else {
-        return false;
-    };
-    let Some(digest) = parse_image_digest(&ls, image) else {
-        return false;
-    };
-    let Some(chain) = chain_id_of(ctr, &digest, arch) else {
+    let ls = |img: &str| ctr.run(&["images", "ls", &format!("name=={img}")]).ok();
+    let get = |d: &str| serde_json::from_str(&ctr.run(&["content", "get", d]).ok()?).ok();
+    let Some(chain) = chain_id_with(&get, image, arch, ls) else {
         return false;
     };
     ctr.run(&[
@@ -262,23 +257,16 @@ fn is_primed(ctr: &Ctr, image: &str, arch: &str) -> bool {
     .is_ok()
 }
 
-/// The DIGEST column of `ctr images ls` for `image` (header names the columns).
-pub fn parse_image_digest(ls: &str, image: &str) -> Option<String> {
-    let mut lines = ls.lines();
-    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
-    let col = header.iter().position(|h| *h == "DIGEST")?;
-    lines
-        .map(|l| l.split_whitespace().collect::<Vec<_>>())
-        .find(|f| f.first() == Some(&image))
-        .and_then(|f| f.get(col).map(|d| d.to_string()))
-        .filter(|d| d.starts_with("sha256:"))
-}
-
-fn chain_id_of(ctr: &Ctr, digest: &str, arch: &str) -> Option<String> {
-    let get = |d: &str| -> Option<serde_json::Value> {
-        serde_json::from_str(&ctr.run(&["content", "get", d]).ok()?).ok()
-    };
-    let mut doc = get(digest)?;
+/// The chain ID of `image`'s top layer for linux/`arch`, from `ctr images
+/// ls name==IMAGE` output (`ls`) and content by digest (`get`).
+pub fn chain_id_with(
+    get: &dyn Fn(&str) -> Option<serde_json::Value>,
+    image: &str,
+    arch: &str,
+    ls: impl Fn(&str) -> Option<String>,
+) -> Option<String> {
+    let digest = parse_image_digest(&ls(image)?, image)?;
+    let mut doc = get(&digest)?;
     if let Some(manifests) = doc.get("manifests").and_then(|m| m.as_array()) {
         let d = pick_platform(manifests, arch)?;
         doc = get(&d)?;
@@ -290,6 +278,18 @@ fn chain_id_of(ctr: &Ctr, digest: &str, arch: &str) -> Option<String> {
         .filter_map(|v| v.as_str().map(str::to_string))
         .collect();
     chain_id(&diff_ids)
+}
+
+/// The DIGEST column of `ctr images ls` for `image` (header names the columns).
+pub fn parse_image_digest(ls: &str, image: &str) -> Option<String> {
+    let mut lines = ls.lines();
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let col = header.iter().position(|h| *h == "DIGEST")?;
+    lines
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&image))
+        .and_then(|f| f.get(col).map(|d| d.to_string()))
+        .filter(|d| d.starts_with("sha256:"))
 }
 
 /// The manifest for linux/<arch> in an image index.

@@ -12,7 +12,11 @@ use support::*;
 
 /// A small image, written as a docker-archive tarball named `reference`.
 fn pause_tarball(fx: &Fixture, reference: &str) {
-    let img = build_image(&fx.dir.join("pause"), "latest", &[&[("pause", "#!/bin/true\n")]]);
+    let img = build_image(
+        &fx.dir.join("pause"),
+        "latest",
+        &[&[("pause", "#!/bin/true\n")]],
+    );
     let out = fx.path("/etc/eks/pause.tar");
     std::fs::create_dir_all(out.parent().unwrap()).unwrap();
     let run = run_cmd(
@@ -65,7 +69,14 @@ fn primes_from_the_tarball(ctd: Ctd) {
     assert!(soci.ok(), "{soci}");
     assert_eq!(snapshot_keys(&soci.stdout).len(), 1, "{soci}");
     // ...and not in overlayfs.
-    let ovl = fx.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "overlayfs", "ls"]);
+    let ovl = fx.ctr(&[
+        "-n",
+        "k8s.io",
+        "snapshots",
+        "--snapshotter",
+        "overlayfs",
+        "ls",
+    ]);
     assert!(snapshot_keys(&ovl.stdout).is_empty(), "{ovl}");
 
     let (run, second) = prime(&fx);
@@ -76,7 +87,8 @@ fn primes_from_the_tarball(ctd: Ctd) {
         ctd, first["elapsed_ms"], second["elapsed_ms"]
     );
     assert_eq!(
-        fx.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"]).stdout,
+        fx.ctr(&["-n", "k8s.io", "snapshots", "--snapshotter", "soci", "ls"])
+            .stdout,
         soci.stdout,
         "a no-op run changes nothing"
     );
@@ -99,7 +111,10 @@ fn nothing_to_do_when_soci_is_not_the_snapshotter() {
     let (run, r) = prime(&fx);
     run.assert_code(0);
     assert_eq!(r["action"], "skipped", "{run}");
-    assert!(r["message"].as_str().unwrap().contains("overlayfs"), "{run}");
+    assert!(
+        r["message"].as_str().unwrap().contains("overlayfs"),
+        "{run}"
+    );
 }
 
 #[test]
