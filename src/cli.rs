@@ -127,15 +127,27 @@ pub fn main() -> i32 {
     }
 }
 
-/// Used with --no-restart (and when there is no bus): restarts nothing.
-struct NoUnits;
+/// systemd on the system bus, connected on first use.
+#[derive(Default)]
+struct LazyBus(std::sync::OnceLock<Result<systemd::Dbus, String>>);
 
-impl systemd::UnitControl for NoUnits {
-    fn restart(&self, unit: &str, _: std::time::Duration) -> Result<(), systemd::UnitError> {
-        Err(systemd::UnitError::Bus(format!("not restarting {unit}")))
+impl LazyBus {
+    fn get(&self) -> Result<&systemd::Dbus, systemd::UnitError> {
+        self.0
+            .get_or_init(|| systemd::Dbus::system().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| systemd::UnitError::Bus(e.clone()))
     }
-    fn describe(&self, _: &str) -> String {
-        "unknown".into()
+}
+
+impl systemd::UnitControl for LazyBus {
+    fn restart(&self, unit: &str, timeout: std::time::Duration) -> Result<(), systemd::UnitError> {
+        self.get()?.restart(unit, timeout)
+    }
+    fn describe(&self, unit: &str) -> String {
+        self.get()
+            .map(|b| b.describe(unit))
+            .unwrap_or_else(|e| e.to_string())
     }
 }
 
@@ -227,19 +239,9 @@ fn dispatch(cli: &Cli, host: &Host) -> anyhow::Result<i32> {
                 address: settings.containerd.address.clone(),
                 plain_http: settings.prime.plain_http,
             };
-            let mut report = if a.no_restart {
-                apply::orchestrate(&inputs, &NoUnits, &rt)
-            } else {
-                match systemd::Dbus::system() {
-                    Ok(bus) => apply::orchestrate(&inputs, &bus, &rt),
-                    Err(e) => {
-                        let mut r = apply::orchestrate(&inputs, &NoUnits, &rt);
-                        r.errors.push(e.to_string());
-                        r.exit_code = 2;
-                        r
-                    }
-                }
-            };
+            // The bus is only dialled when a restart is really needed.
+            let bus = LazyBus::default();
+            let mut report = apply::orchestrate(&inputs, &bus, &rt);
             if report.plugin_ok == Some(true) {
                 match prime::prime(host, &settings) {
                     Ok(p) => {

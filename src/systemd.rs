@@ -16,7 +16,7 @@ const UNIT: &str = "org.freedesktop.systemd1.Unit";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnitError {
-    #[error("cannot reach systemd on the system bus: {0}; is this a systemd host? (use --no-restart and restart the units yourself)")]
+    #[error("cannot reach systemd on the system bus: {0} (is this a systemd host? use --no-restart and restart the units yourself)")]
     Bus(String),
     #[error("restart of {unit} ended with \"{result}\"; the unit is {state}: see `journalctl -u {unit}`")]
     JobFailed {
