@@ -18,6 +18,8 @@ Examples:
   soci-node preflight --dry-run        show what would change, change nothing
   soci-node status                     what the last preflight decided and why
   soci-node --root ./node preflight    run against a copy of a node's files
+  soci-node apply                      switch a running node (SSM Run Command)
+  soci-node apply --no-restart --json  write configs only; machine-readable report
 
 Files: /etc/soci-node/config.toml (settings), /run/soci-node/status.json (last decision).
 Logs: journalctl -u soci-node-preflight";
