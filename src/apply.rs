@@ -301,20 +301,9 @@ impl Runtime for CtrRuntime {
 
     fn reimport_image(&self, image: &str) -> Result<(), String> {
         let platform = format!("linux/{}", crate::facts::go_arch(std::env::consts::ARCH));
-        let mut args = vec![
-            "-n",
-            NAMESPACE,
-            "images",
-            "pull",
-            "--snapshotter",
-            containerd::SOCI,
-            "--platform",
-            &platform,
-        ];
-        if self.plain_http {
-            args.push("--plain-http");
-        }
-        args.push(image);
+        let mut args = vec!["-n".to_string(), NAMESPACE.to_string()];
+        args.extend(prime::pull_args(&platform, self.plain_http, image));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.ctr(&args, Duration::from_secs(600)).map(|_| ())
     }
 }

@@ -165,19 +165,8 @@ pub fn prime(host: &Host, s: &Settings) -> Result<Report, PrimeError> {
                 &file,
             ])
         } else {
-            let mut args = vec![
-                "images",
-                "pull",
-                "--snapshotter",
-                containerd::SOCI,
-                "--platform",
-                &platform,
-            ];
-            if s.prime.plain_http {
-                args.push("--plain-http");
-            }
-            args.push(&image);
-            ctr.run(&args)
+            let args = pull_args(&platform, s.prime.plain_http, &image);
+            ctr.run(&args.iter().map(String::as_str).collect::<Vec<_>>())
         };
         match res {
             Ok(_) if is_primed(&ctr, &image, arch) => {
@@ -278,6 +267,25 @@ pub fn chain_id_with(
         .filter_map(|v| v.as_str().map(str::to_string))
         .collect();
     chain_id(&diff_ids)
+}
+
+/// `images pull` into the soci snapshotter for one platform.
+pub fn pull_args(platform: &str, plain_http: bool, image: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "images",
+        "pull",
+        "--snapshotter",
+        containerd::SOCI,
+        "--platform",
+        platform,
+    ]
+    .map(String::from)
+    .to_vec();
+    if plain_http {
+        a.push("--plain-http".into());
+    }
+    a.push(image.into());
+    a
 }
 
 /// The DIGEST column of `ctr images ls` for `image` (header names the columns).

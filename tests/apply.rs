@@ -21,21 +21,7 @@ fn setup() -> Fixture {
     fx.set("prime.plain_http", true);
     let dump = fx.config_dump().unwrap();
     let sandbox = toml_str(&dump, Ctd::V21.sandbox_key()).unwrap().to_string();
-    let pause = build_image(
-        &fx.dir.join("pause"),
-        "latest",
-        &[&[("pause", "#!/bin/true\n")]],
-    );
-    let out = fx.path("/etc/eks/pause.tar");
-    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let run = run_cmd(
-        std::process::Command::new(require_tool("skopeo"))
-            .args(["--insecure-policy", "copy"])
-            .arg(format!("oci:{}:latest", pause.layout.display()))
-            .arg(format!("docker-archive:{}:{sandbox}", out.display())),
-        Duration::from_secs(60),
-    );
-    assert!(run.ok(), "{run}");
+    fx.pause_tarball(&sandbox);
     fx
 }
 
@@ -185,7 +171,11 @@ fn the_overlayfs_trap_without_and_with_apply() {
         let ls = fx.ctr(&["-n", "k8s.io", "content", "ls", "-q"]);
         (ls.ok() && ls.stdout.lines().count() == 2).then_some(())
     });
-    assert!(gone.is_some(), "{}", fx.ctr(&["-n", "k8s.io", "content", "ls"]));
+    assert!(
+        gone.is_some(),
+        "{}",
+        fx.ctr(&["-n", "k8s.io", "content", "ls"])
+    );
     let create = |name: &str| {
         fx.ctr(&[
             "-n",

@@ -6,28 +6,8 @@
 mod support;
 
 use std::os::unix::fs::symlink;
-use std::process::Command;
 use std::time::Duration;
 use support::*;
-
-/// A small image, written as a docker-archive tarball named `reference`.
-fn pause_tarball(fx: &Fixture, reference: &str) {
-    let img = build_image(
-        &fx.dir.join("pause"),
-        "latest",
-        &[&[("pause", "#!/bin/true\n")]],
-    );
-    let out = fx.path("/etc/eks/pause.tar");
-    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let run = run_cmd(
-        Command::new(require_tool("skopeo"))
-            .args(["--insecure-policy", "copy"])
-            .arg(format!("oci:{}:{}", img.layout.display(), img.tag))
-            .arg(format!("docker-archive:{}:{reference}", out.display())),
-        Duration::from_secs(60),
-    );
-    assert!(run.ok(), "{run}");
-}
 
 fn sandbox_image(fx: &Fixture) -> String {
     let dump = fx.config_dump().unwrap();
@@ -56,7 +36,7 @@ fn primes_from_the_tarball(ctd: Ctd) {
     let fx = setup(ctd);
     fx.preflight(&[]).assert_code(0);
     let image = sandbox_image(&fx);
-    pause_tarball(&fx, &image);
+    fx.pause_tarball(&image);
     let (_soci, _) = fx.start_soci();
     let (_ctd, _) = fx.start_containerd();
 
@@ -121,7 +101,7 @@ fn nothing_to_do_when_soci_is_not_the_snapshotter() {
 fn a_tarball_without_the_image_fails_bounded_and_says_why() {
     let mut fx = setup(Ctd::V21);
     fx.preflight(&[]).assert_code(0);
-    pause_tarball(&fx, "example.invalid/not-the-sandbox:1");
+    fx.pause_tarball("example.invalid/not-the-sandbox:1");
     fx.set("prime.attempts", 2);
     let (_soci, _) = fx.start_soci();
     let (_ctd, _) = fx.start_containerd();

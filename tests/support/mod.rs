@@ -644,6 +644,27 @@ impl Fixture {
         (d, elapsed)
     }
 
+    /// A small image written as a docker-archive at /etc/eks/pause.tar
+    /// under the root, named `reference` (what EKS AMIs ship for the
+    /// sandbox image).
+    pub fn pause_tarball(&self, reference: &str) {
+        let img = build_image(
+            &self.dir.join("pause"),
+            "latest",
+            &[&[("pause", "#!/bin/true\n")]],
+        );
+        let out = self.path("/etc/eks/pause.tar");
+        fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let run = run_cmd(
+            Command::new(require_tool("skopeo"))
+                .args(["--insecure-policy", "copy"])
+                .arg(format!("oci:{}:{}", img.layout.display(), img.tag))
+                .arg(format!("docker-archive:{}:{reference}", out.display())),
+            Duration::from_secs(60),
+        );
+        assert!(run.ok(), "{run}");
+    }
+
     /// `ctr --address <sock> <args>` against the live containerd.
     pub fn ctr(&self, args: &[&str]) -> Run {
         run_cmd(
