@@ -24,8 +24,17 @@ Examples:
 Files: /etc/soci-node/config.toml (settings), /run/soci-node/status.json (last decision).
 Logs: journalctl -u soci-node-preflight";
 
+/// `0.1.0 (bundled SOCI 0.4.1)`: scripts/package.sh sets
+/// SOCI_NODE_BUNDLED_SOCI at build time to the version it packs.
+pub fn version() -> String {
+    match option_env!("SOCI_NODE_BUNDLED_SOCI") {
+        Some(v) => format!("{} (bundled SOCI {v})", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
 #[derive(Debug, Parser)]
-#[command(name = "soci-node", version, about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
+#[command(name = "soci-node", version = version(), about = ABOUT, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 pub struct Cli {
     /// Treat DIR as the node's `/`: every host path (/etc, /sys, /proc, /run,
     /// /var/lib, /dev, and the binaries) is read and written under it.
