@@ -14,7 +14,8 @@ mkdir -p "$deps"
 
 log() { printf '[test-deps] %s\n' "$*" >&2; }
 
-need_pkgs=(docker-registry skopeo systemd iproute2 ca-certificates curl)
+need_pkgs=(docker-registry skopeo systemd iproute2 ca-certificates curl
+  rpm rpmlint lintian dpkg-dev busybox-static)
 missing=()
 for p in "${need_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -79,6 +80,12 @@ for t in "${targets[@]}"; do
   done
   log "$1: $(cat "$deps/$1/VERSION")"
 done
+
+# Packaging tools (pinned): cargo-deb and cargo-generate-rpm.
+if ! command -v cargo-deb >/dev/null || ! command -v cargo-generate-rpm >/dev/null; then
+  log "cargo install cargo-deb cargo-generate-rpm"
+  cargo install --locked --quiet cargo-deb@3.8.0 cargo-generate-rpm@0.21.1 >&2
+fi
 
 # runc is needed by containerd's shim only for running containers; the
 # real-component tests pull and unpack, which needs no runtime.
