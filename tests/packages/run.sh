@@ -14,6 +14,7 @@ bad()  { echo "FAIL $*"; fails=$((fails + 1)); }
 check() { local what=$1; shift; if "$@"; then ok "$what"; else bad "$what"; fi; }
 
 bash tests/packages/units.sh && ok "units verify + exposure" || bad "units verify + exposure"
+bash tests/packages/fetch-soci.sh && ok "fetch-soci.sh against a fake release on 127.0.0.1" || bad "fetch-soci.sh"
 
 bash scripts/package.sh
 deb=$(ls target/packages/soci-node_*_amd64.deb)
@@ -48,6 +49,16 @@ check "rpm config(noreplace)" grep -qx 'cn /etc/soci-node/config.toml' \
 rl=$(rpmlint "$rpmf" 2>&1 || true)
 unexpected=$(grep ': E: ' <<<"$rl" | grep -Ev 'E: (no-signature|no-packager-tag|no-group-tag|no-changelogname-tag|no-buildhost-tag)$' || true)
 if [[ -z "$unexpected" ]]; then ok "rpmlint: only build-host errors"; else bad "rpmlint errors"; echo "$unexpected"; fi
+
+# --- dnf repository
+repo=$(mktemp -d /tmp/sn-repo.XXXXXX)
+bash scripts/make-repo.sh "file://$repo" target/packages "$repo"
+primary=$(zcat "$repo"/repodata/*primary.xml.gz)
+check "repo lists soci-node" grep -q '<name>soci-node</name>' <<<"$primary"
+obsoletes=$(grep -A2 '<rpm:obsoletes>' <<<"$primary" || true)
+check "repo carries the Obsoletes of soci-snapshotter" grep -q 'name="soci-snapshotter"' <<<"$obsoletes"
+check "repo file points at the repo" grep -qx "baseurl=file://$repo" "$repo/soci-node.repo"
+rm -rf "$repo"
 
 # --- a throwaway root with a shell for the maintainer scripts
 mkroot() {
