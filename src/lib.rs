@@ -18,6 +18,7 @@ pub mod logging;
 pub mod nodeadm;
 pub mod preflight;
 pub mod prime;
+pub mod registry;
 pub mod revert;
 pub mod run;
 pub mod settings;
