@@ -9,6 +9,7 @@ pub mod apply;
 pub mod cli;
 pub mod containerd;
 pub mod decide;
+pub mod doctor;
 pub mod facts;
 pub mod fsio;
 pub mod hostpath;
